@@ -1,0 +1,24 @@
+"""keras-stability: stability training (Zheng et al., CVPR 2016) for Keras 3.
+
+Makes a network's outputs stable under small natural distortions (JPEG
+compression, thumbnailing, cropping) by adding `alpha * D(f(x), f(x'))` on a
+perturbed copy `x'` to the task loss.
+"""
+
+from keras_stability.finetune import freeze_all_but
+from keras_stability.losses import StabilityKL
+from keras_stability.losses import StabilityL2
+from keras_stability.losses import TripletRankingLoss
+from keras_stability.models import StabilityModel
+from keras_stability.perturbations import GaussianPerturbation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaussianPerturbation",
+    "StabilityKL",
+    "StabilityL2",
+    "StabilityModel",
+    "TripletRankingLoss",
+    "freeze_all_but",
+]
