@@ -22,6 +22,28 @@ def _is_float_or_int(x):
     )
 
 
+def _num_samples(x):
+    """Number of samples in array-like `x`, or None when it cannot be told."""
+    if isinstance(x, keras.utils.PyDataset):
+        return len(x)
+    leaves = [t for t in keras.tree.flatten(x) if hasattr(t, "shape")]
+    if leaves and len(leaves[0].shape) > 0:
+        return leaves[0].shape[0]
+    cardinality = getattr(x, "cardinality", None)  # tf.data.Dataset
+    if callable(cardinality):
+        count = int(cardinality())
+        return count if count >= 0 else None
+    return None
+
+
+def _check_not_empty(x):
+    if _num_samples(x) == 0:
+        raise ValueError(
+            "`x` is empty: fit() needs at least one sample (or one batch). "
+            f"Received: x of type {type(x).__name__} with 0 samples."
+        )
+
+
 @keras.saving.register_keras_serializable(package="keras_stability")
 class StabilityModel(keras.Model):
     """Wraps a Keras model to train it with stability training.
@@ -158,7 +180,10 @@ class StabilityModel(keras.Model):
                 f"num_classes >= 2); the model's output has shape {output.shape}. "
                 "Use stability_loss='l2' for embeddings or regression outputs."
             )
-        layer = self.model.layers[-1] if self.model.layers else None
+        history = getattr(output, "_keras_history", None)
+        layer = getattr(history, "operation", None)
+        if layer is None and self.model.layers:
+            layer = self.model.layers[-1]
         activation = getattr(getattr(layer, "activation", None), "__name__", None)
         if not self.from_logits and activation == "linear":
             raise ValueError(
@@ -206,12 +231,18 @@ class StabilityModel(keras.Model):
             return sample_weight[index]
         return sample_weight
 
+    def fit(self, x=None, y=None, *args, **kwargs):
+        _check_not_empty(x)
+        return super().fit(x, y, *args, **kwargs)
+
     def perturb(self, x):
         """Returns the perturbed copy `x'` of every numeric input in `x`."""
         return keras.tree.map_structure(
-            lambda t: self.perturbation(t, training=True)
-            if t is not None and _is_float_or_int(t)
-            else t,
+            lambda t: (
+                self.perturbation(t, training=True)
+                if t is not None and _is_float_or_int(t)
+                else t
+            ),
             x,
         )
 
