@@ -56,9 +56,7 @@ def freeze_all_but(model, last=None, names=None):
         keep = [layer for layer in model.layers if layer.name in names]
     else:
         if isinstance(last, bool) or not isinstance(last, int) or last < 1:
-            raise ValueError(
-                f"`last` must be a positive int. Received: last={last!r}"
-            )
+            raise ValueError(f"`last` must be a positive int. Received: last={last!r}")
         if last > len(weighted):
             raise ValueError(
                 f"`last={last}` exceeds the {len(weighted)} layers with weights "

@@ -184,7 +184,7 @@ class TripletRankingLoss(keras.losses.Loss):
     >>> q, p, n = [1.0, 0.0], [0.6, 0.8], [0.0, 1.0]  # D(q,p)=0.894 D(q,n)=1.414
     >>> y = np.array([[q, p, n]], "float32")
     >>> round(float(TripletRankingLoss(margin=1.0)(None, y)), 4)
-    0.4801
+    0.4802
     """
 
     def __init__(
@@ -264,4 +264,3 @@ def get(identifier, from_logits=False):
         "`stability_loss` must be one of 'kl', 'cross_entropy', 'l2' or a "
         f"keras.losses.Loss instance. Received: stability_loss={identifier!r}"
     )
-

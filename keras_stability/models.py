@@ -90,7 +90,9 @@ class StabilityModel(keras.Model):
     Example:
 
     >>> import numpy as np, keras
-    >>> base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="softmax")])
+    >>> base = keras.Sequential(
+    ...     [keras.Input((8,)), keras.layers.Dense(3, activation="softmax")]
+    ... )
     >>> model = StabilityModel(base, alpha=0.01)
     >>> model.compile("sgd", "sparse_categorical_crossentropy")
     >>> x, y = np.random.rand(32, 8), np.random.randint(0, 3, 32)

@@ -66,7 +66,9 @@ class GaussianPerturbation(keras.layers.Layer):
         return self.stddev * (high - low)
 
     def call(self, inputs, training=False):
-        if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
+        if not keras.backend.is_float_dtype(
+            keras.backend.standardize_dtype(inputs.dtype)
+        ):
             inputs = ops.cast(inputs, self.compute_dtype)
         if not training or self.stddev == 0.0:
             return inputs

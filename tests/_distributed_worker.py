@@ -25,7 +25,9 @@ INITIAL = [rng.normal(0, 0.5, (6, 3)), rng.normal(0, 0.1, 3)]
 
 
 def train():
-    base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+    base = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(3, activation="softmax")]
+    )
     base.set_weights(INITIAL)
     # A deterministic perturbation: the two devices must see the same x'.
     model = StabilityModel(
@@ -52,7 +54,9 @@ else:
     single = train()
     devices = keras.distribution.list_devices()
     assert len(devices) == 2, devices
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices)
+    )
     distributed = train()
 
 gap = max(float(np.abs(a - b).max()) for a, b in zip(single, distributed))

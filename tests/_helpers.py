@@ -24,11 +24,17 @@ class FixedOffset(keras.layers.Layer):
 def dense_classifier(num_features=4, num_classes=3, seed=0):
     """softmax(x W + b) with weights drawn from a fixed numpy seed."""
     model = keras.Sequential(
-        [keras.Input((num_features,)), keras.layers.Dense(num_classes, activation="softmax")]
+        [
+            keras.Input((num_features,)),
+            keras.layers.Dense(num_classes, activation="softmax"),
+        ]
     )
     rng = np.random.default_rng(seed)
     model.set_weights(
-        [rng.normal(0, 0.5, (num_features, num_classes)), rng.normal(0, 0.1, num_classes)]
+        [
+            rng.normal(0, 0.5, (num_features, num_classes)),
+            rng.normal(0, 0.1, num_classes),
+        ]
     )
     return model
 

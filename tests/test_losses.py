@@ -76,7 +76,12 @@ def _gradient(loss, a, b):
 
 @pytest.mark.parametrize(
     "loss",
-    [StabilityKL(), StabilityKL(form="cross_entropy"), StabilityKL(from_logits=True), StabilityL2()],
+    [
+        StabilityKL(),
+        StabilityKL(form="cross_entropy"),
+        StabilityKL(from_logits=True),
+        StabilityL2(),
+    ],
     ids=["kl", "cross_entropy", "kl_logits", "l2"],
 )
 def test_no_nan_at_identical_outputs(loss):
@@ -142,7 +147,9 @@ def test_triplet_loss_margin_zero_and_swapped_triplet():
     q, p, n = [1.0, 0.0], [0.0, 1.0], [0.8, 0.6]
     y = np.array([[q, p, n]], "float32")
     d_qp, d_qn = math.sqrt(2.0), math.sqrt(0.04 + 0.36)
-    assert float(TripletRankingLoss(margin=0.0)(None, y)) == pytest.approx(d_qp - d_qn, abs=1e-5)
+    assert float(TripletRankingLoss(margin=0.0)(None, y)) == pytest.approx(
+        d_qp - d_qn, abs=1e-5
+    )
 
 
 def test_triplet_loss_rejects_wrong_shape():
@@ -169,7 +176,11 @@ def test_bad_arguments_name_the_argument(factory, message):
 
 @pytest.mark.parametrize(
     "loss",
-    [StabilityKL(from_logits=True, form="cross_entropy"), StabilityL2(epsilon=1e-8), TripletRankingLoss(0.3)],
+    [
+        StabilityKL(from_logits=True, form="cross_entropy"),
+        StabilityL2(epsilon=1e-8),
+        TripletRankingLoss(0.3),
+    ],
 )
 def test_get_config_round_trip(loss):
     restored = keras.losses.deserialize(keras.losses.serialize(loss))

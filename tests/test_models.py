@@ -101,7 +101,9 @@ def test_alpha_zero_reproduces_plain_fit():
     plain, wrapped = dense_classifier(), dense_classifier()
     plain.compile(keras.optimizers.SGD(0.3), "sparse_categorical_crossentropy")
     plain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
-    model = StabilityModel(wrapped, alpha=0.0, perturbation=GaussianPerturbation(0.3, seed=1))
+    model = StabilityModel(
+        wrapped, alpha=0.0, perturbation=GaussianPerturbation(0.3, seed=1)
+    )
     model.compile(keras.optimizers.SGD(0.3), "sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
     for a, b in zip(plain.get_weights(), wrapped.get_weights()):
@@ -114,11 +116,17 @@ def _stability_history(seed):
         dense_classifier(), alpha=0.1, perturbation=GaussianPerturbation(0.2, seed=seed)
     )
     model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
-    return model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0).history["stability_loss"]
+    return model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0).history[
+        "stability_loss"
+    ]
 
 
 def test_noise_is_fresh_each_step_and_reproducible_across_runs():
-    first, again, other = _stability_history(5), _stability_history(5), _stability_history(6)
+    first, again, other = (
+        _stability_history(5),
+        _stability_history(5),
+        _stability_history(6),
+    )
     # Weights are frozen (lr=0), so only fresh noise can change the distance.
     assert len(set(np.round(first, 7))) == 3
     np.testing.assert_allclose(first, again, rtol=1e-6)
@@ -131,7 +139,9 @@ def test_evaluate_and_predict_behave_like_the_inner_model():
     model = StabilityModel(base, perturbation=GaussianPerturbation(0.5, seed=0))
     model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
     np.testing.assert_allclose(model.predict(x, verbose=0), base.predict(x, verbose=0))
-    np.testing.assert_allclose(ops.convert_to_numpy(model(x)), base.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(model(x)), base.predict(x, verbose=0), atol=1e-6
+    )
     result = model.evaluate(x, y, verbose=0, return_dict=True)
     assert set(result) == {"loss", "task_loss", "accuracy"}
     base.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -146,8 +156,13 @@ def test_history_keys_with_validation():
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     history = model.fit(x, y, validation_split=0.25, epochs=1, verbose=0).history
     assert set(history) == {
-        "loss", "task_loss", "stability_loss", "accuracy",
-        "val_loss", "val_task_loss", "val_accuracy",
+        "loss",
+        "task_loss",
+        "stability_loss",
+        "accuracy",
+        "val_loss",
+        "val_task_loss",
+        "val_accuracy",
     }
 
 
@@ -155,13 +170,19 @@ def test_sample_weight_scales_both_terms():
     x, y = classification_data(n=16)
 
     def run(weight):
-        model = StabilityModel(dense_classifier(), alpha=0.5, perturbation=FixedOffset(np.full(4, 0.3)))
+        model = StabilityModel(
+            dense_classifier(), alpha=0.5, perturbation=FixedOffset(np.full(4, 0.3))
+        )
         model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
-        return model.fit(x, y, sample_weight=np.full(16, weight), batch_size=16, verbose=0).history
+        return model.fit(
+            x, y, sample_weight=np.full(16, weight), batch_size=16, verbose=0
+        ).history
 
     one, two = run(1.0), run(2.0)
     assert two["task_loss"][0] == pytest.approx(2 * one["task_loss"][0], rel=1e-5)
-    assert two["stability_loss"][0] == pytest.approx(2 * one["stability_loss"][0], rel=1e-5)
+    assert two["stability_loss"][0] == pytest.approx(
+        2 * one["stability_loss"][0], rel=1e-5
+    )
 
 
 class _Batches(keras.utils.PyDataset):
@@ -180,12 +201,23 @@ class _Batches(keras.utils.PyDataset):
 def _weights_after(data_kind, jit_compile="auto"):
     x, y = classification_data(n=32)
     base = dense_classifier()
-    model = StabilityModel(base, alpha=0.5, perturbation=keras.layers.Rescaling(0.8, offset=0.1))
-    model.compile(keras.optimizers.SGD(0.3), "sparse_categorical_crossentropy", jit_compile=jit_compile)
+    model = StabilityModel(
+        base, alpha=0.5, perturbation=keras.layers.Rescaling(0.8, offset=0.1)
+    )
+    model.compile(
+        keras.optimizers.SGD(0.3),
+        "sparse_categorical_crossentropy",
+        jit_compile=jit_compile,
+    )
     if data_kind == "numpy":
         model.fit(x, y, batch_size=8, shuffle=False, epochs=2, verbose=0)
     elif data_kind == "tf.data":
-        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), shuffle=False, epochs=2, verbose=0)
+        model.fit(
+            tf.data.Dataset.from_tensor_slices((x, y)).batch(8),
+            shuffle=False,
+            epochs=2,
+            verbose=0,
+        )
     else:
         model.fit(_Batches(x, y, 8), shuffle=False, epochs=2, verbose=0)
     return base.get_weights()
@@ -197,10 +229,6 @@ def test_tf_data_and_pydataset_match_numpy(data_kind):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() == "torch",
-    reason="jit_compile=True means torch.compile (dynamo), which Keras marks experimental",
-)
 def test_jit_compile_on_and_off_agree():
     for a, b in zip(_weights_after("numpy", True), _weights_after("numpy", False)):
         np.testing.assert_allclose(a, b, atol=1e-5)
@@ -211,8 +239,14 @@ def test_run_eagerly_matches_compiled():
     results = []
     for eager in (True, False):
         base = dense_classifier()
-        model = StabilityModel(base, alpha=0.5, perturbation=keras.layers.Rescaling(0.8, offset=0.1))
-        model.compile(keras.optimizers.SGD(0.3), "sparse_categorical_crossentropy", run_eagerly=eager)
+        model = StabilityModel(
+            base, alpha=0.5, perturbation=keras.layers.Rescaling(0.8, offset=0.1)
+        )
+        model.compile(
+            keras.optimizers.SGD(0.3),
+            "sparse_categorical_crossentropy",
+            run_eagerly=eager,
+        )
         model.fit(x, y, batch_size=8, shuffle=False, epochs=1, verbose=0)
         results.append(base.get_weights())
     for a, b in zip(*results):
@@ -227,8 +261,12 @@ def test_callbacks_see_stability_logs(tmp_path):
     seen = []
     callbacks = [
         keras.callbacks.EarlyStopping(monitor="stability_loss", mode="min", patience=1),
-        keras.callbacks.ModelCheckpoint(path, monitor="task_loss", mode="min", save_best_only=True),
-        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(dict(logs))),
+        keras.callbacks.ModelCheckpoint(
+            path, monitor="task_loss", mode="min", save_best_only=True
+        ),
+        keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: seen.append(dict(logs))
+        ),
     ]
     model.fit(x, y, epochs=3, verbose=0, callbacks=callbacks)
     assert seen and {"task_loss", "stability_loss", "loss"} <= set(seen[0])
@@ -284,7 +322,9 @@ def test_save_load_round_trip_and_continue_training(tmp_path):
     assert restored.alpha == pytest.approx(0.05)
     assert restored.stability_loss.form == "cross_entropy"
     assert restored.perturbation.get_config() == model.perturbation.get_config()
-    np.testing.assert_array_equal(restored.predict(x, verbose=0), model.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        restored.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
     history = restored.fit(x, y, epochs=1, verbose=0).history
     assert {"task_loss", "stability_loss"} <= set(history)
 
@@ -301,8 +341,12 @@ def test_subclassed_model_and_other_perturbation_layers():
 
     x = np.random.default_rng(0).random((16, 6, 6, 1)).astype("float32")
     y = np.random.default_rng(1).integers(0, 3, 16)
-    flat = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(), TwoLayer()])
-    model = StabilityModel(flat, perturbation=keras.layers.RandomTranslation(0.2, 0.2, seed=0))
+    flat = keras.Sequential(
+        [keras.Input((6, 6, 1)), keras.layers.Flatten(), TwoLayer()]
+    )
+    model = StabilityModel(
+        flat, perturbation=keras.layers.RandomTranslation(0.2, 0.2, seed=0)
+    )
     model.compile("adam", "sparse_categorical_crossentropy")
     history = model.fit(x, y, epochs=1, verbose=0).history
     assert history["stability_loss"][0] > 0
@@ -310,7 +354,9 @@ def test_subclassed_model_and_other_perturbation_layers():
 
 def test_alpha_can_change_after_compile():
     x, y = classification_data(n=16)
-    model = StabilityModel(dense_classifier(), alpha=0.0, perturbation=FixedOffset(np.full(4, 0.5)))
+    model = StabilityModel(
+        dense_classifier(), alpha=0.0, perturbation=FixedOffset(np.full(4, 0.5))
+    )
     model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
     first = model.fit(x, y, batch_size=16, verbose=0).history
     model.alpha = 2.0
@@ -346,9 +392,15 @@ def test_multi_output_model_without_stability_output_is_an_error():
 
 
 def test_l2_distance_on_embeddings():
-    base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5), keras.layers.UnitNormalization()])
+    base = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(5), keras.layers.UnitNormalization()]
+    )
     x, _ = classification_data(n=16)
-    model = StabilityModel(base, stability_loss=StabilityL2(), perturbation=GaussianPerturbation(0.2, seed=0))
+    model = StabilityModel(
+        base,
+        stability_loss=StabilityL2(),
+        perturbation=GaussianPerturbation(0.2, seed=0),
+    )
     model.compile("adam", "mse")
     history = model.fit(x, np.zeros((16, 5)), epochs=1, verbose=0).history
     assert history["stability_loss"][0] > 0

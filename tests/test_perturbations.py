@@ -57,7 +57,9 @@ def test_zero_stddev_is_identity_in_training():
 
 
 def test_config_round_trip():
-    layer = GaussianPerturbation(0.2, value_range=(0, 255), clip=True, seed=4, name="noise")
+    layer = GaussianPerturbation(
+        0.2, value_range=(0, 255), clip=True, seed=4, name="noise"
+    )
     restored = GaussianPerturbation.from_config(layer.get_config())
     assert restored.get_config() == layer.get_config()
     assert restored.noise_stddev == pytest.approx(51.0)
