@@ -6,9 +6,7 @@ perturbed copy `x'` to the task loss.
 """
 
 from keras_stability.finetune import freeze_all_but
-from keras_stability.losses import StabilityKL
-from keras_stability.losses import StabilityL2
-from keras_stability.losses import TripletRankingLoss
+from keras_stability.losses import StabilityKL, StabilityL2, TripletRankingLoss
 from keras_stability.models import StabilityModel
 from keras_stability.perturbations import GaussianPerturbation
 

@@ -33,11 +33,11 @@ class GaussianPerturbation(keras.layers.Layer):
 
     Example:
 
-    >>> import numpy as np
+    >>> import keras, numpy as np
     >>> layer = GaussianPerturbation(stddev=0.1, value_range=(0, 255), seed=1)
     >>> x = np.full((2, 8, 8, 3), 128, dtype="uint8")
     >>> y = layer(x, training=True)
-    >>> tuple(y.shape), str(y.dtype).split(".")[-1]
+    >>> tuple(y.shape), keras.backend.standardize_dtype(y.dtype)
     ((2, 8, 8, 3), 'float32')
     """
 
