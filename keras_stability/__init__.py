@@ -5,6 +5,7 @@ compression, thumbnailing, cropping) by adding `alpha * D(f(x), f(x'))` on a
 perturbed copy `x'` to the task loss.
 """
 
+from keras_stability.embeddings import TripletModel, embedding_model
 from keras_stability.finetune import freeze_all_but
 from keras_stability.losses import StabilityKL, StabilityL2, TripletRankingLoss
 from keras_stability.models import StabilityModel
@@ -17,6 +18,8 @@ __all__ = [
     "StabilityKL",
     "StabilityL2",
     "StabilityModel",
+    "TripletModel",
     "TripletRankingLoss",
+    "embedding_model",
     "freeze_all_but",
 ]

@@ -118,10 +118,14 @@ class StabilityKL(keras.losses.Loss):
 class StabilityL2(keras.losses.Loss):
     """Euclidean distance between clean and perturbed outputs (paper eq. 8).
 
-    Per sample, `||f(x) - f(x')||_2` over all non-batch axes. The square root
-    is taken of `max(squared_distance, epsilon)`, so the loss and its gradient
-    stay finite when the two outputs coincide (`sigma=0`), where the gradient
-    of a plain norm is undefined.
+    `||f(x) - f(x')||_2` over the last axis (the feature vector). Outputs
+    with more axes give one distance per vector, and the reduction averages
+    them: for a `TripletModel`, whose output stacks the embeddings of
+    `(q, p, n)` as `(batch, 3, dim)`, the loss is the mean of the three
+    per-image distances, so the stability term covers all three images
+    (paper §3.3). The square root is taken of `max(squared_distance,
+    epsilon)`, so the loss and its gradient stay finite when the two outputs
+    coincide (`sigma=0`), where the gradient of a plain norm is undefined.
 
     Args:
         epsilon: floor of the squared distance inside the square root.
@@ -152,7 +156,7 @@ class StabilityL2(keras.losses.Loss):
 
     def call(self, y_clean, y_perturbed):
         diff = _as_float32(y_clean) - _as_float32(y_perturbed)
-        squared = ops.sum(ops.reshape(ops.square(diff), (ops.shape(diff)[0], -1)), -1)
+        squared = ops.sum(ops.square(diff), axis=-1)
         return ops.cast(ops.sqrt(ops.maximum(squared, self.epsilon)), self.dtype)
 
     def get_config(self):

@@ -45,11 +45,13 @@ def test_kl_from_logits_equals_kl_of_softmax():
     assert got == pytest.approx(expected, abs=1e-6)
 
 
-def test_l2_matches_hand_computation_over_all_axes():
+def test_l2_matches_hand_computation_per_vector():
     a = np.zeros((2, 2, 2), "float32")
-    b = np.array([[[1, 2], [2, 4]], [[0, 0], [0, 0]]], "float32")  # norm 5 and 0
+    b = np.array([[[3, 4], [6, 8]], [[0, 0], [0, 1]]], "float32")
     loss = StabilityL2(reduction=None)
-    np.testing.assert_allclose(_np(loss(a, b)), [5.0, 1e-6], atol=1e-6)
+    # One distance per last-axis vector: 5, 10, sqrt(1e-12) floor, 1.
+    np.testing.assert_allclose(_np(loss(a, b)), [[5.0, 10.0], [1e-6, 1.0]], atol=1e-6)
+    assert float(StabilityL2()(a, b)) == pytest.approx((5 + 10 + 1e-6 + 1) / 4)
 
 
 def _gradient(loss, a, b):
