@@ -259,7 +259,12 @@ class StabilityModel(keras.Model):
         task_loss = super().compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
-        self.task_loss_tracker.update_state(unscale_loss_for_distribution(task_loss))
+        # Weighted by batch size, as Keras weights its own `loss` tracker, so
+        # that loss == task_loss + alpha * stability_loss holds per epoch.
+        batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
+        self.task_loss_tracker.update_state(
+            unscale_loss_for_distribution(task_loss), sample_weight=batch_size
+        )
         self._stability_term_in_step = training
         if not training:
             return task_loss
@@ -270,7 +275,7 @@ class StabilityModel(keras.Model):
             sample_weight=self._select_sample_weight(sample_weight),
         )
         self.stability_loss_tracker.update_state(
-            unscale_loss_for_distribution(distance)
+            unscale_loss_for_distribution(distance), sample_weight=batch_size
         )
         return task_loss + ops.cast(self._alpha, task_loss.dtype) * ops.cast(
             distance, task_loss.dtype

@@ -8,7 +8,8 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    keras.backend.clear_session()
+def _seeded():
+    # Seeds only: keras.backend.clear_session() costs ~0.5 s a test and no
+    # test depends on fresh layer-name counters.
     keras.utils.set_random_seed(1234)
     yield

@@ -11,13 +11,6 @@ from keras_stability import datasets
 
 
 @pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    # Overrides conftest's per-test Keras reset: clear_session's garbage
-    # collection costs ~0.3-0.9 s a test and these tests build no Keras state.
-    yield
-
-
-@pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Fails any test that tries to open a network connection."""
 

@@ -10,14 +10,6 @@ from keras_stability import distortions
 from keras_stability import evaluation as ev
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    # Overrides the conftest fixture: most tests here are pure NumPy, and
-    # `clear_session()` (a full gc pass) costs up to 0.7 s per test. Tests
-    # that build models request `keras_state` instead.
-    yield
-
-
 @pytest.fixture
 def keras_state():
     keras.backend.clear_session()

@@ -150,6 +150,19 @@ def test_evaluate_and_predict_behave_like_the_inner_model():
     assert result["accuracy"] == pytest.approx(expected["accuracy"])
 
 
+def test_epoch_logs_add_up_with_a_smaller_last_batch():
+    x, y = classification_data(n=20)  # batches of 8, 8 and 4
+    model = StabilityModel(dense_classifier(), alpha=0.5)
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    history = model.fit(x, y, batch_size=8, validation_data=(x, y), verbose=0).history
+    assert history["loss"][0] == pytest.approx(
+        history["task_loss"][0] + 0.5 * history["stability_loss"][0], rel=1e-5
+    )
+    assert history["val_loss"][0] == pytest.approx(
+        history["val_task_loss"][0], rel=1e-6
+    )
+
+
 def test_history_keys_with_validation():
     x, y = classification_data(n=32)
     model = StabilityModel(dense_classifier())

@@ -17,14 +17,6 @@ from keras_stability.triplets import (
 PATCH = 32
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    # Overrides conftest's per-test Keras reset: clear_session's garbage
-    # collection costs ~0.3-0.9 s a test and these tests build no Keras state
-    # (the one `fit` test resets it itself).
-    yield
-
-
 @pytest.fixture(scope="module")
 def photographs():
     # Downscaled so that a patch covers a meaningful part of each scene.
