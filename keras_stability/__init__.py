@@ -25,6 +25,11 @@ def __getattr__(name):
 
 
 __all__ = [
+    "datasets",
+    "distortions",
+    "evaluation",
+    "triplets",
+    "tuning",
     "GaussianPerturbation",
     "StabilityKL",
     "StabilityL2",
