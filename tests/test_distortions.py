@@ -23,14 +23,6 @@ from keras_stability.distortions import (
 BICUBIC = Image.Resampling.BICUBIC
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    # Overrides the conftest fixture: these tests touch no Keras state but
-    # one, and its `clear_session()` (a full `gc.collect()`) costs ~0.5 s a
-    # test, which would be most of this file's run time.
-    yield
-
-
 def _smooth_photo(size=96):
     """A real photo, blurred so that a lossless-ish codec is close to it."""
     try:
