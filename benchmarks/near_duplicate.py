@@ -32,7 +32,7 @@ table and writes P-R curves and distance CDFs (first seed) and all numbers
 
 Usage (the backend comes from KERAS_BACKEND, default tensorflow):
 
-    python benchmarks/near_duplicate.py            # full run, ~15 min on 2 cores
+    python benchmarks/near_duplicate.py            # full run, ~3 min on 2 cores
     python benchmarks/near_duplicate.py --quick    # smoke run, < 1 min
     python benchmarks/near_duplicate.py --seeds 5 --epochs 4 --eval-patches 4000
 """
