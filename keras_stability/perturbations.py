@@ -22,6 +22,10 @@ class GaussianPerturbation(keras.layers.Layer):
     `keras.random.SeedGenerator` owned by the layer: it is fresh at every step
     and reproducible from `seed` on every backend.
 
+    `stddev` lives in a non-trainable variable, so `layer.stddev = 0.1` takes
+    effect in an already compiled train step (a noise warm-up or schedule from
+    a callback), as `StabilityModel.alpha` does.
+
     Args:
         stddev: standard deviation of the noise as a fraction of the value
             range; `>= 0`. The paper's classification default is 0.04, its
@@ -45,7 +49,16 @@ class GaussianPerturbation(keras.layers.Layer):
         self, stddev=0.04, value_range=(0.0, 1.0), clip=False, seed=None, **kwargs
     ):
         super().__init__(**kwargs)
-        self.stddev = _validation.check_number("stddev", stddev, minimum=0.0)
+        stddev = _validation.check_number("stddev", stddev, minimum=0.0)
+        # A variable, not a Python float, which a compiled step would freeze.
+        self._stddev = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(stddev),
+            dtype="float32",
+            trainable=False,
+            name="stddev",
+        )
+        self._stddev_value = stddev
         self.value_range = _validation.check_value_range(value_range)
         if not isinstance(clip, bool):
             raise TypeError(f"`clip` must be a bool. Received: clip={clip!r}")
@@ -60,6 +73,17 @@ class GaussianPerturbation(keras.layers.Layer):
         self.built = True
 
     @property
+    def stddev(self):
+        """Noise standard deviation as a fraction of the value range."""
+        return self._stddev_value
+
+    @stddev.setter
+    def stddev(self, value):
+        value = _validation.check_number("stddev", value, minimum=0.0)
+        self._stddev.assign(value)
+        self._stddev_value = value
+
+    @property
     def noise_stddev(self):
         """Standard deviation of the noise in the units of the inputs."""
         low, high = self.value_range
@@ -70,15 +94,14 @@ class GaussianPerturbation(keras.layers.Layer):
             keras.backend.standardize_dtype(inputs.dtype)
         ):
             inputs = ops.cast(inputs, self.compute_dtype)
-        if not training or self.stddev == 0.0:
+        if not training:
             return inputs
+        low, high = self.value_range
+        scale = ops.cast(self._stddev, inputs.dtype) * (high - low)
         noise = keras.random.normal(
-            ops.shape(inputs),
-            stddev=self.noise_stddev,
-            dtype=inputs.dtype,
-            seed=self.seed_generator,
+            ops.shape(inputs), dtype=inputs.dtype, seed=self.seed_generator
         )
-        outputs = inputs + noise
+        outputs = inputs + noise * scale
         if self.clip:
             outputs = ops.clip(outputs, *self.value_range)
         return outputs

@@ -380,6 +380,22 @@ def test_alpha_can_change_after_compile():
     )
 
 
+def test_stddev_can_change_after_compile():
+    # sigma is a variable too: a callback can schedule the noise.
+    x, y = classification_data(n=16)
+    noise = GaussianPerturbation(0.3, seed=0)
+    model = StabilityModel(dense_classifier(), alpha=0.1, perturbation=noise)
+    model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
+    model.make_train_function()
+    train_function = model.train_function
+    first = model.fit(x, y, batch_size=16, verbose=0).history["stability_loss"][0]
+    noise.stddev = 0.0
+    second = model.fit(x, y, batch_size=16, verbose=0).history["stability_loss"][0]
+    assert model.train_function is train_function  # the same compiled step
+    assert first > 1e-3
+    assert second == pytest.approx(0.0, abs=1e-7)
+
+
 def _two_output_model():
     inputs = keras.Input((4,))
     hidden = keras.layers.Dense(8, activation="relu")(inputs)

@@ -56,6 +56,17 @@ def test_zero_stddev_is_identity_in_training():
     np.testing.assert_array_equal(_np(GaussianPerturbation(0.0)(x, training=True)), x)
 
 
+def test_stddev_setter_validates_and_rescales_the_noise():
+    layer = GaussianPerturbation(stddev=0.05, seed=3)
+    x = np.full((64, 32, 32, 3), 0.5, "float32")
+    layer.stddev = 0.2
+    assert layer.stddev == 0.2 and layer.get_config()["stddev"] == 0.2
+    assert (_np(layer(x, training=True)) - x).std() == pytest.approx(0.2, rel=0.01)
+    with pytest.raises(ValueError, match="stddev"):
+        layer.stddev = -1.0
+    assert layer.stddev == 0.2
+
+
 def test_config_round_trip():
     layer = GaussianPerturbation(
         0.2, value_range=(0, 255), clip=True, seed=4, name="noise"
