@@ -3,6 +3,9 @@
 import math
 import numbers
 
+import numpy as np
+from keras import ops
+
 
 def is_number(value):
     """True for finite-or-infinite real numbers that are not bools."""
@@ -46,3 +49,13 @@ def check_value_range(value_range):
             f"Received: value_range={value_range!r}"
         )
     return float(lo), float(hi)
+
+
+def float_value(variable):
+    """The Python float a float32 scalar `variable` holds, as it was given.
+
+    Read from the variable, so it stays right after `load_weights`; printed
+    with float32's shortest round-trip digits, so 0.01 reads back as 0.01 and
+    not as 0.009999999776.
+    """
+    return float(str(np.float32(ops.convert_to_numpy(variable))))

@@ -141,7 +141,6 @@ class StabilityModel(keras.Model):
         self._alpha = keras.Variable(
             alpha, dtype="float32", trainable=False, name="alpha"
         )
-        self._alpha_value = alpha
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
         self.stability_loss_tracker = keras.metrics.Mean(name="stability_loss")
         self._stability_term_in_step = True
@@ -150,15 +149,11 @@ class StabilityModel(keras.Model):
     @property
     def alpha(self):
         """Weight of the stability term (a float)."""
-        # The value as given: the float32 variable would read 0.01 back as
-        # 0.009999999776.
-        return self._alpha_value
+        return _validation.float_value(self._alpha)
 
     @alpha.setter
     def alpha(self, value):
-        value = _validation.check_number("alpha", value, minimum=0.0)
-        self._alpha.assign(value)
-        self._alpha_value = value
+        self._alpha.assign(_validation.check_number("alpha", value, minimum=0.0))
 
     def _output_names(self):
         return list(getattr(self.model, "output_names", None) or [])

@@ -58,7 +58,6 @@ class GaussianPerturbation(keras.layers.Layer):
             trainable=False,
             name="stddev",
         )
-        self._stddev_value = stddev
         self.value_range = _validation.check_value_range(value_range)
         if not isinstance(clip, bool):
             raise TypeError(f"`clip` must be a bool. Received: clip={clip!r}")
@@ -75,13 +74,11 @@ class GaussianPerturbation(keras.layers.Layer):
     @property
     def stddev(self):
         """Noise standard deviation as a fraction of the value range."""
-        return self._stddev_value
+        return _validation.float_value(self._stddev)
 
     @stddev.setter
     def stddev(self, value):
-        value = _validation.check_number("stddev", value, minimum=0.0)
-        self._stddev.assign(value)
-        self._stddev_value = value
+        self._stddev.assign(_validation.check_number("stddev", value, minimum=0.0))
 
     @property
     def noise_stddev(self):

@@ -396,6 +396,24 @@ def test_stddev_can_change_after_compile():
     assert second == pytest.approx(0.0, abs=1e-7)
 
 
+def test_alpha_and_stddev_follow_loaded_weights(tmp_path):
+    # Both read their variables, so load_weights (e.g. a tuner's checkpoint)
+    # cannot leave a stale value in get_config.
+    trained = StabilityModel(
+        dense_classifier(), alpha=0.5, perturbation=GaussianPerturbation(0.3)
+    )
+    trained.build((None, 4))
+    path = str(tmp_path / "m.weights.h5")
+    trained.save_weights(path)
+    fresh = StabilityModel(
+        dense_classifier(), alpha=0.01, perturbation=GaussianPerturbation(0.04)
+    )
+    fresh.build((None, 4))
+    fresh.load_weights(path)
+    assert (fresh.alpha, fresh.perturbation.stddev) == (0.5, 0.3)
+    assert fresh.get_config()["alpha"] == 0.5
+
+
 def _two_output_model():
     inputs = keras.Input((4,))
     hidden = keras.layers.Dense(8, activation="relu")(inputs)
