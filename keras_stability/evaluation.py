@@ -417,8 +417,7 @@ def recall_at_precision(positive_distances, negative_distances, precision=0.98):
     curve_p, curve_r, _ = near_duplicate_pr_curve(
         positive_distances, negative_distances
     )
-    reached = curve_p >= precision
-    return float(curve_r[reached].max()) if reached.any() else 0.0
+    return _best_where_reached(curve_r, curve_p, precision)
 
 
 def precision_at_recall(positive_distances, negative_distances, recall=0.98):
@@ -442,8 +441,13 @@ def precision_at_recall(positive_distances, negative_distances, recall=0.98):
     curve_p, curve_r, _ = near_duplicate_pr_curve(
         positive_distances, negative_distances
     )
-    reached = curve_r >= recall
-    return float(curve_p[reached].max()) if reached.any() else 0.0
+    return _best_where_reached(curve_p, curve_r, recall)
+
+
+def _best_where_reached(values, required, minimum):
+    """Max of `values` over the thresholds where `required >= minimum`, or 0."""
+    reached = required >= minimum
+    return float(values[reached].max()) if reached.any() else 0.0
 
 
 # ---------------------------------------------------------------------------

@@ -211,16 +211,14 @@ class _Batches(keras.utils.PyDataset):
         return self.x[s], self.y[s]
 
 
-def _weights_after(data_kind, jit_compile="auto"):
+def _weights_after(data_kind, **compile_kwargs):
     x, y = classification_data(n=32)
     base = dense_classifier()
     model = StabilityModel(
         base, alpha=0.5, perturbation=keras.layers.Rescaling(0.8, offset=0.1)
     )
     model.compile(
-        keras.optimizers.SGD(0.3),
-        "sparse_categorical_crossentropy",
-        jit_compile=jit_compile,
+        keras.optimizers.SGD(0.3), "sparse_categorical_crossentropy", **compile_kwargs
     )
     if data_kind == "numpy":
         model.fit(x, y, batch_size=8, shuffle=False, epochs=2, verbose=0)
@@ -243,26 +241,14 @@ def test_tf_data_and_pydataset_match_numpy(data_kind):
 
 
 def test_jit_compile_on_and_off_agree():
-    for a, b in zip(_weights_after("numpy", True), _weights_after("numpy", False)):
+    on, off = (_weights_after("numpy", jit_compile=j) for j in (True, False))
+    for a, b in zip(on, off):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_run_eagerly_matches_compiled():
-    x, y = classification_data(n=16)
-    results = []
-    for eager in (True, False):
-        base = dense_classifier()
-        model = StabilityModel(
-            base, alpha=0.5, perturbation=keras.layers.Rescaling(0.8, offset=0.1)
-        )
-        model.compile(
-            keras.optimizers.SGD(0.3),
-            "sparse_categorical_crossentropy",
-            run_eagerly=eager,
-        )
-        model.fit(x, y, batch_size=8, shuffle=False, epochs=1, verbose=0)
-        results.append(base.get_weights())
-    for a, b in zip(*results):
+    eager, compiled = (_weights_after("numpy", run_eagerly=e) for e in (True, False))
+    for a, b in zip(eager, compiled):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
