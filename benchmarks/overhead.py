@@ -77,11 +77,11 @@ def _tf_hand_loop(x, y, batch_size, jit_compile=False, stability=True):
 
     @tf.function(jit_compile=jit_compile)
     def step(xb, yb):
-        noise = tf.random.normal(tf.shape(xb), stddev=SIGMA)
         with tf.GradientTape() as tape:
             p_clean = model(xb, training=True)
             loss = task_loss(yb, p_clean)
             if stability:
+                noise = tf.random.normal(tf.shape(xb), stddev=SIGMA)
                 p_noisy = model(xb + noise, training=True)
                 loss += ALPHA * kl(p_clean, p_noisy)
         grads = tape.gradient(loss, model.trainable_variables)
